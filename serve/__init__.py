@@ -1,0 +1,1 @@
+"""online-llm serving package."""

@@ -1,0 +1,75 @@
+"""Shared pytest fixtures: the tiny local model, a moto S3 server on loopback, store URLs.
+
+Ray fixtures live next to the Ray tests (they cost ~10 s and only those tests need them).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+# Every test process (and every Ray worker it starts, which inherits the environment) builds the tiny
+# model into one cache directory, never into the user's home.
+os.environ.setdefault("ONLINE_LLM_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("LORA_SAVE_PATH", None)  # tests choose their store explicitly
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    """Local directory of the embedded tiny Qwen3 model (built once per cache)."""
+    from serve.tiny_model import build_tiny_model
+
+    return str(build_tiny_model())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint (moto's ThreadedMotoServer) on 127.0.0.1; yields its URL.
+
+    Sets the AWS environment so that s3fs/boto3 (and Ray workers started later) reach it with no
+    storage options; credentials are fake and local.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the moto server; s3fs's instance cache is cleared around the test."""
+    import boto3
+    import s3fs
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield name
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_store_url(s3_bucket) -> str:
+    return f"s3://{s3_bucket}/adapters"
