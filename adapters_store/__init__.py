@@ -7,3 +7,5 @@ from adapters_store.errors import (  # noqa: F401
     InvalidAdapterNameError, OnlineLLMError, RevisionNotFoundError, StorePermissionError,
     StoreUnavailableError, UnsafeFileError,
 )
+from adapters_store.names import parse_ref, validate_name  # noqa: F401
+from adapters_store.store import AdapterRevision, AdapterStore, open_store  # noqa: F401
