@@ -53,3 +53,15 @@ class StorePermissionError(OnlineLLMError, PermissionError):
 
 class UnsafeFileError(OnlineLLMError, ValueError):
     """A file that would need code execution to load (a pickle that is not plain tensors)."""
+
+
+class InvalidRequestError(OnlineLLMError, ValueError):
+    """Bad generation or learn input: sampling values, data shapes, roles, steps/lr out of range."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt (or a training example) does not fit in the model's context."""
+
+
+class EngineStoppedError(OnlineLLMError, RuntimeError):
+    """The engine was shut down, or its scheduler thread died; requests cannot run."""

@@ -62,7 +62,7 @@ async def _drive(workload, call) -> dict:
     return _summary(latencies, tokens, time.perf_counter() - started)
 
 
-def make_adapters(store_url: str, engine_kwargs: dict, count: int) -> None:
+def make_adapters(store_url: str, engine_kwargs: dict, count: int) -> dict[str, str]:
     from adapters_store import open_store
     from serve.engine import Engine
 
@@ -73,6 +73,8 @@ def make_adapters(store_url: str, engine_kwargs: dict, count: int) -> None:
             await engine.learn([f"adapter {i} text for the benchmark"], f"bench-{i:04d}", steps=1)
     asyncio.run(learn_all())
     engine.shutdown()
+    store = open_store(store_url)
+    return {name: f"{name}@{store.latest(name)}" for name in store.list_adapters()}
 
 
 def run_in_process(store_url: str, engine_kwargs: dict, workload, prompt: str, max_tokens: int) -> dict:
@@ -92,7 +94,8 @@ def run_in_process(store_url: str, engine_kwargs: dict, workload, prompt: str, m
 
 
 def run_over_http(store_url: str, engine_kwargs: dict, workload, prompt: str, max_tokens: int,
-                  workers: int) -> dict:
+                  workers: int, pinned: dict[str, str] | None = None) -> dict:
+    """The HTTP run; with `pinned`, requests name "name@rev" (no Directory lookup) instead of "name"."""
     import httpx
     import ray
     from ray import serve
@@ -114,7 +117,8 @@ def run_over_http(store_url: str, engine_kwargs: dict, workload, prompt: str, ma
         limits = httpx.Limits(max_connections=len(workload) * 2)
         async with httpx.AsyncClient(timeout=300, limits=limits) as client:
             async def call(adapter):
-                response = await client.post(url, json={"model": adapter, "prompt": prompt,
+                model = pinned[adapter] if pinned else adapter
+                response = await client.post(url, json={"model": model, "prompt": prompt,
                                                         "max_tokens": max_tokens, "temperature": 0})
                 response.raise_for_status()
                 return response.json()["usage"]["completion_tokens"]
@@ -141,6 +145,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="worker replicas in the HTTP run")
     parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--pinned", action="store_true", help="HTTP requests name name@rev (skips the "
+                        "Directory lookup), to measure what resolving costs")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     engine_kwargs = {"max_slots": args.slots, "host_cache_size": max(64, args.adapters),
@@ -148,9 +154,10 @@ def main(argv=None) -> None:
     workload = _workload(args)
     prompt = "Q: Give a short answer about the weather today.\nA:"
     with tempfile.TemporaryDirectory() as store_dir:
-        make_adapters(store_dir, engine_kwargs, args.adapters)
+        refs = make_adapters(store_dir, engine_kwargs, args.adapters)
         local = run_in_process(store_dir, engine_kwargs, workload, prompt, args.max_tokens)
-        http = run_over_http(store_dir, engine_kwargs, workload, prompt, args.max_tokens, args.workers)
+        http = run_over_http(store_dir, engine_kwargs, workload, prompt, args.max_tokens, args.workers,
+                             refs if args.pinned else None)
     added = {"p50_ms": round(http["p50_ms"] - local["p50_ms"], 1),
              "p99_ms": round(http["p99_ms"] - local["p99_ms"], 1)}
     print(json.dumps({"config": vars(args), "in_process": local, "http": http, "added": added}, indent=2))

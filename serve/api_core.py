@@ -145,11 +145,11 @@ class OnlineLLMCore:
             return False
         try:
             tensors = cpu_tensors(tensors)
-            revision = self._commit(name, tensors)
+            revision, config = self._commit(name, tensors)
         except (*STORE_FAILURES, TypeError) as exc:
             logger.error("save_lora_to_disk(%r) failed: %s", name, exc)
             return False
-        return self._install_committed(name, tensors, revision)
+        return self._install_committed(name, tensors, revision, config)
 
     def _already_committed(self, name: str) -> bool:
         """True when the resident copy is the store's latest revision: saving again adds nothing."""
@@ -158,7 +158,7 @@ class OnlineLLMCore:
         latest, _ = self._stored_latest(name)
         return latest is not None and latest == self._served_revision(name)
 
-    def _commit(self, name: str, tensors: dict) -> str:
+    def _commit(self, name: str, tensors: dict) -> tuple[str, dict]:
         parent = self._store.latest(name)
         alpha = self.options.lora_alpha
         if parent is not None:  # keep the adapter's own scale, whatever this API's default is
@@ -168,12 +168,12 @@ class OnlineLLMCore:
         revision = self._store.commit(name, tensors, config=config, parent=parent, meta=meta)
         logger.info("saved adapter %r as revision %s (parent %s) in %s", name, revision, parent,
                     self._store_location)
-        return revision
+        return revision, config
 
-    def _install_committed(self, name: str, tensors: dict, revision: str) -> bool:
+    def _install_committed(self, name: str, tensors: dict, revision: str, config: dict) -> bool:
         """Serve the committed revision from memory too (read your writes); True: it is committed."""
         try:
-            self._engine.install(name, tensors, revision=revision)
+            self._engine.install(name, tensors, revision=revision, config=config)
         except STORE_FAILURES as exc:
             # Committed as asked; the loaded model cannot serve it (loading it later fails clearly).
             logger.error("adapter %r: revision %s was saved but does not fit the loaded model: %s",

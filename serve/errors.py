@@ -5,11 +5,13 @@ Defined in adapters_store.errors (shared by the store and the server); nothing i
 from adapters_store.errors import (  # noqa: F401
     AdapterNotFoundError, CommitConflictError, CorruptAdapterError, InvalidAdapterError,
     InvalidAdapterNameError, OnlineLLMError, RevisionNotFoundError, StorePermissionError,
-    StoreUnavailableError, UnsafeFileError,
+    StoreUnavailableError, UnsafeFileError, InvalidRequestError, PromptTooLongError,
+    EngineStoppedError,
 )
 
 __all__ = [
     "AdapterNotFoundError", "CommitConflictError", "CorruptAdapterError", "InvalidAdapterError",
     "InvalidAdapterNameError", "OnlineLLMError", "RevisionNotFoundError", "StorePermissionError",
-    "StoreUnavailableError", "UnsafeFileError",
+    "StoreUnavailableError", "UnsafeFileError", "InvalidRequestError", "PromptTooLongError",
+    "EngineStoppedError",
 ]

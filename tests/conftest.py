@@ -14,6 +14,9 @@ import pytest
 # model into one cache directory, never into the user's home.
 os.environ.setdefault("ONLINE_LLM_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per test process: the suite runs on 2 cores next to Ray workers, and oversubscribed
+# threads made small learn steps 10-40x slower there.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("LORA_SAVE_PATH", None)  # tests choose their store explicitly
 
 

@@ -153,9 +153,6 @@ async def test_async_api_on_an_s3_store(tiny_model_path, s3_store_url):
         api.close()
 
 
-@pytest.mark.xfail(strict=True, raises=CommitConflictError,
-                   reason="engine Trainer commits a fresh, memory-only starting revision (made by "
-                          "Engine.ensure) as the store parent; the store has no such revision")
 def test_ensure_then_learn_with_a_store(llm):
     assert llm.ensure_lora_adapter("newcomer") is False
     report = llm.learn(FACTS[:1], adapter="newcomer", steps=2)

@@ -136,7 +136,7 @@ class FakeEngine:
             tensors = self._resident.get(format_ref(name, rev)) if rev else None
             return {k: v.clone() for k, v in tensors.items()} if tensors is not None else None
 
-    def install(self, name, tensors, *, revision=None):
+    def install(self, name, tensors, *, revision=None, alpha=None, config=None):
         self.calls.append("install")
         for key, tensor in tensors.items():
             path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]

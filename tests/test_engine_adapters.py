@@ -180,3 +180,27 @@ async def test_store_adapter_with_unknown_module_is_an_error_not_base(tiny_model
             await eng.generate(PROMPT, adapter="elsewhere")
     finally:
         eng.shutdown()
+
+
+async def test_loading_an_old_revision_first_does_not_hide_the_latest(tiny_model_path):
+    store = open_store(f"memory://engine-{uuid.uuid4().hex}")
+    eng = Engine(model=tiny_model_path, cpu_threads=1, store=store, max_slots=2)
+    try:
+        shapes = _shapes(eng)
+        first = store.commit("x", random_lora(shapes, 4, seed=80, scale=0.3), config=_config(4), parent=None)
+        second = store.commit("x", random_lora(shapes, 4, seed=81, scale=0.3), config=_config(4),
+                              parent=first)
+        old = await eng.generate(PROMPT, adapter="x@1", max_tokens=4)
+        latest = await eng.generate(PROMPT, adapter="x", max_tokens=4)
+        assert old.adapter == f"x@{first}" and latest.adapter == f"x@{second}"
+    finally:
+        eng.shutdown()
+
+
+def test_memory_only_revisions_are_bounded(engine):
+    """Repeated installs without a store keep the newest few revisions, not every one (no leak)."""
+    keys = [engine.install("churn", random_lora(_shapes(engine), 4, seed=60 + i, scale=0.3))
+            for i in range(6)]
+    resident = [key for key in engine.resident() if key.startswith("churn@")]
+    assert sorted(resident) == sorted(keys[-3:])
+    assert engine.resolve("churn") == keys[-1]

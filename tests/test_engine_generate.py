@@ -151,3 +151,22 @@ async def test_max_tokens_capped_by_context(tiny_model_path):
         eng.check_health()
     with pytest.raises(EngineStoppedError):
         await eng.generate(prompt)
+
+
+async def test_a_failed_decode_step_fails_its_rows_and_serving_goes_on(engine, monkeypatch):
+    real_decode = engine.scheduler.batch.decode
+    calls = {"n": 0}
+
+    def decode_failing_once(tokens):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device error")
+        return real_decode(tokens)
+
+    monkeypatch.setattr(engine.scheduler.batch, "decode", decode_failing_once)
+    with pytest.raises(RuntimeError, match="simulated device error"):
+        await engine.generate(PROMPT, max_tokens=5)
+    after = await engine.generate(PROMPT, max_tokens=5)
+    assert after.completion_tokens == 5
+    engine.check_health()
+    assert engine.stats()["slots_busy"] == 0 and engine.stats()["running"] == 0

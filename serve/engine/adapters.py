@@ -22,6 +22,8 @@ from serve.engine.validate import (ModuleShapes, Weights, fresh_weights, pack, s
 
 logger = logging.getLogger(__name__)
 
+MEMORY_REVISIONS_KEPT = 3   # memory-only revisions per adapter (the latest included)
+
 
 @dataclass(eq=False)
 class HostAdapter:
@@ -81,7 +83,11 @@ class AdapterManager:
             if name in self._latest:
                 return format_ref(name, self._latest[name])
         latest = self.store.latest(name) if self.store is not None else None
-        return format_ref(name, latest) if latest else None
+        if latest is None:
+            return None
+        with self._lock:  # remembered: later bare-name lookups need no store round trip
+            current = self._latest.setdefault(name, latest)
+        return format_ref(name, current)
 
     def _expand_rev(self, name: str, rev: str) -> str:
         if not rev.isdigit():
@@ -168,8 +174,6 @@ class AdapterManager:
                               alpha=alpha, scale=scale, stored=True,
                               optimizer_state=record.optimizer_state, meta=dict(record.meta))
         self._put(adapter)
-        with self._lock:
-            self._latest.setdefault(name, record.revision)
         return adapter
 
     def load_sync(self, key: str) -> HostAdapter:
@@ -206,7 +210,17 @@ class AdapterManager:
             current = self._latest.get(name)
             if current is None or revision_seq(revision) >= revision_seq(current):
                 self._latest[name] = revision
+                self._drop_superseded(name, revision)
             return adapter
+
+    def _drop_superseded(self, name: str, latest: str) -> None:
+        """Keep only the newest MEMORY_REVISIONS_KEPT memory-only revisions of `name`: older ones can
+        never become latest again, and pinning them all would grow memory with every learn (the
+        adapter itself lives on as `latest`; recent revisions stay selectable as name@rev)."""
+        unstored = sorted((revision_seq(a.revision), key) for key, a in self._host.items()
+                          if a.name == name and not a.stored and a.revision != latest)
+        for _, key in unstored[:max(0, len(unstored) - (MEMORY_REVISIONS_KEPT - 1))]:
+            self._evict(key)
 
     def fresh(self, name: str, rank: int | None = None) -> HostAdapter:
         """A new adapter whose output equals the base model's (not installed anywhere)."""

@@ -217,11 +217,14 @@ class Engine:
     def adapter_state(self, name: str) -> dict[str, torch.Tensor] | None:
         return self.adapters.state(name)
 
-    def install(self, name: str, tensors: dict[str, torch.Tensor], *, revision: str | None = None) -> str:
+    def install(self, name: str, tensors: dict[str, torch.Tensor], *, revision: str | None = None,
+                alpha: float | None = None, config: dict | None = None) -> str:
         """Validate and install PEFT tensors as the latest revision of `name`; returns "name@rev".
-        With `revision` (a store commit) the copy counts as stored; without, it is memory-only (pinned)."""
+        With `revision` (a store commit) the copy counts as stored; without, it is memory-only (pinned).
+        `alpha` / `config` (PEFT LoraConfig fields) set the scale; default: the engine's lora_alpha."""
         stored = revision is not None and self.store is not None
-        return self.adapters.install(name, tensors, revision=revision, stored=stored).key
+        return self.adapters.install(name, tensors, revision=revision, stored=stored, alpha=alpha,
+                                     config=config).key
 
     def delete(self, name: str) -> bool:
         existed = self.adapters.delete(name)

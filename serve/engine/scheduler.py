@@ -169,7 +169,14 @@ class Scheduler:
         self._take_tokens(logits, range(first, len(self.rows)))
 
     def _decode_step(self) -> None:
-        logits = self.batch.decode(self.pending)
+        try:
+            logits = self.batch.decode(self.pending)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: fail these rows, keep serving
+            logger.exception("decode step failed; failing the %d running requests", len(self.rows))
+            for request in self.rows:
+                request.error, request.finish_reason = exc, "error"
+            self._retire(list(range(len(self.rows))))
+            return
         self.steps += 1
         self._take_tokens(logits, range(len(self.rows)))
 
@@ -204,11 +211,12 @@ class Scheduler:
     def _retire(self, finished: list[int]) -> None:
         done = set(finished)
         keep = [i for i in range(len(self.rows)) if i not in done]
-        for i in finished:
-            self._complete(self.rows[i])
+        leaving = [self.rows[i] for i in finished]
         self.rows = [self.rows[i] for i in keep]
         self.pending = [self.pending[i] for i in keep]
         self.batch.keep(keep)
+        for request in leaving:  # futures last: a caller woken by one sees the batch without it
+            self._complete(request)
 
     def _complete(self, request: Request) -> None:
         self.slots.release(request.slot)
@@ -217,7 +225,10 @@ class Scheduler:
             return
         tail = request.tracker.flush()
         if tail and request.on_delta is not None:
-            request.on_delta(tail)
+            try:
+                request.on_delta(tail)
+            except Exception:  # noqa: BLE001 - a gone stream consumer must not stop the batch
+                logger.warning("stream consumer of a finished request is gone", exc_info=True)
         tracker = request.tracker
         request.future.set_result(GenerationResult(
             text=tracker.text, finish_reason=request.finish_reason, prompt_tokens=len(request.prompt_ids),

@@ -12,7 +12,7 @@ import openai
 import pytest
 from ray import serve
 
-from conftest import deploy
+from ray_helpers import deploy
 from serve.app.builder import build_app
 from serve.tiny_model import TINY_MODEL_ID
 
@@ -189,3 +189,28 @@ def test_python_handle_api(app_url, taught):
 
 async def _names(handle):
     return await handle.list_adapters.remote()
+
+
+def test_memory_only_app_learns_deletes_and_relearns(app_url):
+    """No store: one worker keeps adapters in memory; learn reports committed=False; delete really drops."""
+    serve.run(build_app({"num_workers": 1, "worker_num_cpus": 0.5, "max_slots": 2, "host_cache_size": 4}),
+              name="mem", route_prefix="/mem")
+    handle = serve.get_app_handle("mem")
+
+    async def scenario():
+        report = await handle.learn.remote(TEACH, adapter="volatile", steps=60)
+        taught = await handle.generate.remote(PROMPT, adapter="volatile", max_tokens=12)
+        info = await handle.get_adapter_info.remote("volatile")
+        deleted = await handle.delete_adapter.remote("volatile")
+        after = await handle.generate.remote(PROMPT, adapter="volatile", max_tokens=12)
+        relearned = await handle.learn.remote(["something else entirely"], adapter="volatile", steps=2)
+        return report, taught, info, deleted, after, relearned, await handle.list_adapters.remote()
+
+    try:
+        report, taught, info, deleted, after, relearned, names = asyncio.run(scenario())
+    finally:
+        serve.delete("mem")
+    assert not report["committed"] and taught.startswith(ANSWER)
+    assert info["in_memory"] and not info["on_disk"] and info["revision"] == report["revision"]
+    assert deleted and not after.startswith(ANSWER)  # gone: answers like the base model
+    assert relearned["parent"] is None and names == ["volatile"]

@@ -15,7 +15,7 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from conftest import free_port, wait_for, worker_env
+from ray_helpers import free_port, wait_for, worker_env
 from serve.app.builder import build_app
 from serve.tiny_model import TINY_MODEL_ID
 

@@ -13,7 +13,7 @@ import pytest
 from ray import serve
 
 from adapters_store import open_store
-from conftest import deploy, wait_for
+from ray_helpers import deploy, wait_for
 from serve.app.builder import build_app
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(300)]
