@@ -25,6 +25,7 @@ from serve.app.metrics import app_metrics
 logger = logging.getLogger(__name__)
 
 _COUNTER_KEYS = ("loads", "evictions")
+MULTIPLEX_IDS = 512  # most "name@rev" ids one replica advertises to Serve's routers (a bound, not a cache)
 
 
 def import_factory(path: str):
@@ -127,10 +128,11 @@ class Worker:
 
     # -- Serve hooks ------------------------------------------------------------------------------
 
-    @serve.multiplexed(max_num_models_per_replica=-1)
+    @serve.multiplexed(max_num_models_per_replica=MULTIPLEX_IDS)
     async def _load(self, ref: str) -> str:
         # Serve's cache only records that this replica serves `ref` (routers learn it within 0.1 s);
-        # the engine's own LRU tiers decide what stays in memory.
+        # the engine's own LRU tiers decide what stays in memory. Both are LRU, so the bounded id list
+        # tracks the engine's tiers; routing_stats carries the engine's exact resident set besides.
         return await self.engine.load(ref)
 
     async def check_health(self) -> None:
