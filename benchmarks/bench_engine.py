@@ -234,7 +234,7 @@ def run(args) -> dict:
         "ours_base": ours_decode(engine, [None] * BATCH, n),
         "peft_32_adapter_names": peft_decode(peft, engine.tokenizer, names, n, BATCH),
         "peft_one_adapter": peft_decode(peft, engine.tokenizer, None, n, BATCH, active=names[0]),
-        "swap_one_at_a_time": lambda: swap_one_at_a_time(peft, engine.tokenizer, tensors, n),
+        "swap_one_at_a_time": lambda model=peft: swap_one_at_a_time(model, engine.tokenizer, tensors, n),
     }
     out.update(_rounds(systems, r))
     out.update(bytes_bound(engine))

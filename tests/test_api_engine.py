@@ -16,7 +16,7 @@ import torch
 from test_api_fakes import flip_bytes, read_only
 
 from serve import AsyncOnlineLLM, OnlineLLM
-from serve.errors import CommitConflictError, InvalidAdapterError
+from serve.errors import InvalidAdapterError
 
 pytestmark = pytest.mark.timeout(120)
 FACTS = [{"prompt": "What is the capital of France?", "response": "Paris is the capital."},
