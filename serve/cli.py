@@ -54,7 +54,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serve.app.config import AppConfig
 
     config = AppConfig(**_serve_args(args))  # validate before starting anything
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True)
+    # "local" starts a Ray of our own even when another one runs on this machine; --address joins one.
+    ray.init(address=args.address, num_cpus=None if args.address != "local" else args.num_cpus,
+             include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config.model_dump(exclude_unset=True)), name=APP_NAME, route_prefix="/")
     print(_usage(args.host, args.port, config.model), flush=True)
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8000)
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray")
+    run.add_argument("--address", default="local", help="Ray address to join (default: start a local Ray)")
     run.add_argument("--no-block", action="store_true", help="deploy, print, and return")
     run.set_defaults(func=cmd_serve)
     build = sub.add_parser("build-model", help="build the embedded tiny model and print its directory")

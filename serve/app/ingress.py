@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from adapters_store.errors import (
@@ -48,6 +49,8 @@ def configure_guard(api_key: str | None, max_body_bytes: int) -> None:
 ERROR_MAP = [
     (OverloadedError, 429, "rate_limit_error", "overloaded"),
     (BackPressureError, 503, "server_error", "overloaded"),
+    # A worker or the Directory died (or is restarting) under the request: Serve replaces it, a retry works.
+    (RayActorError, 503, "server_error", "replica_unavailable"),
     (AdapterNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (InvalidAdapterNameError, 400, "invalid_request_error", "invalid_adapter_name"),
     (ValidationError, 422, "invalid_request_error", "invalid_request"),
@@ -80,6 +83,8 @@ def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
 
 
 def _message(exc: BaseException) -> str:
+    if isinstance(exc, RayActorError):  # Ray's text names actor ids, pids and IPs: not for clients
+        return "a replica serving this request died or is restarting; retry the request"
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
     return str(exc) or type(exc).__name__
