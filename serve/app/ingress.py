@@ -164,6 +164,13 @@ def openai_errors(route: str):
     return wrap
 
 
+async def _prepend(first, rest):
+    """`first`, then every item of the async iterator `rest`."""
+    yield first
+    async for item in rest:
+        yield item
+
+
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -219,11 +226,16 @@ class Ingress(AppService):
         chunk_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
         async def events():
+            finish_reason = "stop"
             try:
-                yield _sse(stream_chunk(kind, chunk_id, model, first, first=True))
-                async for delta in deltas:
-                    yield _sse(stream_chunk(kind, chunk_id, model, delta))
-                yield _sse(stream_chunk(kind, chunk_id, model, None, finish_reason="stop"))
+                items = _prepend(first, deltas)
+                yield _sse(stream_chunk(kind, chunk_id, model, "", first=True))
+                async for item in items:
+                    if isinstance(item, dict):  # the worker's final result
+                        finish_reason = item.get("finish_reason") or finish_reason
+                    elif item:
+                        yield _sse(stream_chunk(kind, chunk_id, model, item))
+                yield _sse(stream_chunk(kind, chunk_id, model, None, finish_reason=finish_reason))
                 yield _sse("[DONE]")
             finally:
                 admission.__exit__(None, None, None)

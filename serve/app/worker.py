@@ -84,12 +84,13 @@ class Worker:
         return result
 
     async def stream(self, prompt, sampling: dict):
-        """Text deltas for the request's ref, as the engine produces them."""
+        """Text deltas for the request's ref, as the engine produces them, then the result as a dict
+        (finish_reason and token counts) so the last SSE chunk can say why generation stopped."""
         ref = await self._prepare()
         self.ongoing += 1
         try:
-            async for delta in self.engine.stream(prompt, adapter=ref, **sampling):
-                yield delta
+            async for item in self.engine.stream(prompt, adapter=ref, include_result=True, **sampling):
+                yield item if isinstance(item, str) else _as_dict(item)
         finally:
             self.ongoing -= 1
 

@@ -162,8 +162,10 @@ class Engine:
         futures = [self.submit_generate(p, a, **sampling) for p, a in zip(prompts, adapters)]
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
-    async def stream(self, prompt, adapter: str | None = None, **sampling) -> AsyncIterator[str]:
-        """Text deltas as tokens are produced; they join to the final text."""
+    async def stream(self, prompt, adapter: str | None = None, *, include_result: bool = False,
+                     **sampling) -> AsyncIterator:
+        """Text deltas as tokens are produced; they join to the final text. With `include_result`,
+        the GenerationResult (finish_reason, token counts) follows the last delta."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         future = self.submit_generate(
@@ -171,7 +173,9 @@ class Engine:
         future.add_done_callback(lambda _f: loop.call_soon_threadsafe(queue.put_nowait, _END))
         while (item := await queue.get()) is not _END:
             yield item
-        future.result()  # raise the request's error, if any
+        result = future.result()  # raise the request's error, if any
+        if include_result:
+            yield result
 
     # ------------------------------------------------------------------ learning
     def submit_learn(self, data, adapter: str, *, steps: int | None = None, lr: float | None = None,

@@ -11,7 +11,7 @@ import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from adapters_store.errors import CommitConflictError
+from adapters_store.errors import CommitConflictError, StoreUnavailableError
 from adapters_store.names import format_ref, parse_ref
 from serve.engine.adapters import HostAdapter
 from serve.engine.data import build_examples
@@ -94,11 +94,7 @@ class Trainer:
         adapters, store = self.engine.adapters, self.engine.store
         revision = None
         if store is not None:
-            # A memory-only starting point (ensure()'s fresh adapter) has no place in the store's chain.
-            parent = start.revision if start.stored else store.latest(name)
-            revision = store.commit(name, to_peft(result.weights), config=self._peft_config(start),
-                                    parent=parent, meta=self._meta(result, lr),
-                                    optimizer_state=result.optimizer_state)
+            revision = self._store_commit(name, start, result, lr)
         elif adapters.latest_revision(name) != start.revision:
             raise CommitConflictError(f"{name}: started from {start.revision}, but the latest is now "
                                       f"{adapters.latest_revision(name)}")
@@ -107,6 +103,22 @@ class Trainer:
             revision=revision, stored=store is not None, optimizer_state=result.optimizer_state,
             meta=self._meta(result, lr))
         return installed.key, store is not None
+
+    def _store_commit(self, name: str, start: HostAdapter, result: LearnResult, lr: float) -> str:
+        """Commit to the store; an unreachable store fails the learn saying exactly what was not saved."""
+        store = self.engine.store
+        try:
+            # A memory-only starting point (ensure()'s fresh adapter) has no place in the store's chain.
+            parent = start.revision if start.stored else store.latest(name)
+            return store.commit(name, to_peft(result.weights), config=self._peft_config(start),
+                                parent=parent, meta=self._meta(result, lr),
+                                optimizer_state=result.optimizer_state)
+        except StoreUnavailableError as exc:
+            raise StoreUnavailableError(
+                f"learn on adapter {name!r} from revision {start.revision or 'none'} ({result.steps} steps, "
+                f"loss {result.loss_before:.4f} -> {result.loss_after:.4f}) was not saved: the adapter store "
+                f"is unavailable, so no revision was committed or installed and the trained weights were "
+                f"discarded; retry the learn when the store is back ({exc})") from exc
 
     def _peft_config(self, start: HostAdapter) -> dict:
         targets = sorted({path.rsplit(".", 1)[-1] for path in self.engine.modules})

@@ -34,10 +34,12 @@ class FakeEngine:
         text = taught.get(str(prompt), f"echo:{prompt}")
         return GenerationResult(text, "stop", 1, 1, adapter, [])
 
-    async def stream(self, prompt, adapter=None, **sampling):
+    async def stream(self, prompt, adapter=None, *, include_result=False, **sampling):
         result = await self.generate(prompt, adapter, **sampling)
         for word in result.text.split(" "):
             yield word + " "
+        if include_result:
+            yield result
 
     async def learn(self, data, adapter, *, steps=None, lr=None, parent=None, **opts) -> LearnReport:
         self.counter += 1

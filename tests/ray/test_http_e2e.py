@@ -83,13 +83,17 @@ def test_streaming_chat_and_completions(client, taught):
                                             stream=True))
     text = "".join(chunk.choices[0].text for chunk in chunks)
     assert text.startswith(ANSWER) and chunks[-1].choices[0].finish_reason == "stop"
-    stream = client.chat.completions.create(model="teacher", max_tokens=8, stream=True,
-                                            messages=[{"role": "user", "content": "hello"}])
+    stream = list(client.chat.completions.create(model="teacher", max_tokens=8, stream=True,
+                                                 messages=[{"role": "user", "content": "hello"}]))
     deltas = [chunk.choices[0].delta for chunk in stream]
     assert deltas[0].role == "assistant" and "".join(d.content or "" for d in deltas)
     whole = client.chat.completions.create(model="teacher", max_tokens=8,
                                            messages=[{"role": "user", "content": "hello"}])
     assert whole.choices[0].message.content == "".join(d.content or "" for d in deltas)
+    # The last chunk says why generation stopped, exactly as the non-streamed answer does.
+    assert stream[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    cut = list(client.completions.create(model="teacher", prompt=PROMPT, max_tokens=1, stream=True))
+    assert cut[-1].choices[0].finish_reason == "length"
 
 
 def test_raw_sse_ends_with_done(app_url, taught):
