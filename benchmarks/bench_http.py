@@ -102,7 +102,7 @@ def run_over_http(store_url: str, engine_kwargs: dict, workload, prompt: str, ma
 
     from serve.app.builder import build_app
 
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level="ERROR")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"store_url": store_url, "num_workers": workers, "worker_num_cpus": 1 / workers,

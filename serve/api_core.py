@@ -79,7 +79,12 @@ class OnlineLLMCore:
         return {ref.partition("@")[0] for ref in self._engine.resident()}
 
     def _served_revision(self, name: str) -> str | None:
-        ref = self._engine.resolve(name)
+        """The revision a bare-name generate would use now; None when the store cannot say."""
+        try:
+            ref = self._engine.resolve(name)
+        except STORE_FAILURES as exc:  # resident only as name@rev: resolving asks the store
+            logger.error("adapter %r: cannot resolve its latest revision: %s", name, exc)
+            return None
         return (ref.partition("@")[2] or None) if ref else None
 
     def _stored_latest(self, name: str) -> tuple[str | None, str | None]:
@@ -160,10 +165,14 @@ class OnlineLLMCore:
 
     def _commit(self, name: str, tensors: dict) -> tuple[str, dict]:
         parent = self._store.latest(name)
-        alpha = self.options.lora_alpha
+        alpha, use_rslora = self.options.lora_alpha, False
         if parent is not None:  # keep the adapter's own scale, whatever this API's default is
             alpha = (self._store.info(name).get("meta") or {}).get("lora_alpha", alpha)
-        config = lora_config_for(tensors, alpha=alpha, base_model=self._engine.model_id)
+            use_rslora = bool(self._store.read(name, parent).config.get("use_rslora"))
+        config = lora_config_for(tensors, alpha=alpha, base_model=self._engine.model_id,
+                                 use_rslora=use_rslora)
+        # Tensors the loaded model cannot serve must never become the store's latest revision.
+        self._engine.check_adapter(name, tensors)
         meta = {"model_path": self._engine.model_id, "source": "save_lora_to_disk"}
         revision = self._store.commit(name, tensors, config=config, parent=parent, meta=meta)
         logger.info("saved adapter %r as revision %s (parent %s) in %s", name, revision, parent,

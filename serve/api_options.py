@@ -76,20 +76,24 @@ def split_peft_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def lora_config_for(tensors: Mapping[str, Any], *, alpha: float, base_model: str) -> dict:
-    """The PEFT LoraConfig fields for PEFT-keyed tensors: rank from lora_A [r, in], targets by name."""
+def lora_config_for(tensors: Mapping[str, Any], *, alpha: float, base_model: str,
+                    use_rslora: bool = False) -> dict:
+    """The PEFT LoraConfig fields for PEFT-keyed tensors: rank from lora_A [r, in], targets by name;
+    ValueError for keys or shapes that are not LoRA's."""
     ranks, targets = set(), set()
     for key, tensor in tensors.items():
         parsed = split_peft_key(key)
         if parsed is None:
             raise ValueError(f"tensor {key!r} is not a PEFT LoRA key (base_model.model.<module>.lora_A/B.weight)")
+        if tensor.dim() != 2:
+            raise ValueError(f"tensor {key!r} has shape {tuple(tensor.shape)}; LoRA matrices are 2-d")
         targets.add(parsed[0].rsplit(".", 1)[-1])
         if parsed[1] == "A":
             ranks.add(int(tensor.shape[0]))
     if len(ranks) != 1:
         raise ValueError(f"expected one LoRA rank across lora_A tensors, found {sorted(ranks)}")
-    return {"r": ranks.pop(), "lora_alpha": alpha, "target_modules": sorted(targets),
-            "base_model_name_or_path": base_model}
+    return {"r": ranks.pop(), "lora_alpha": alpha, "use_rslora": bool(use_rslora),
+            "target_modules": sorted(targets), "base_model_name_or_path": base_model}
 
 
 def metadata_mismatches(meta: Mapping[str, Any], *, model_id: str, rank: int, alpha: float) -> list[str]:

@@ -126,6 +126,12 @@ class FakeEngine:
         self.install(name, record.tensors, revision=record.revision)
         return format_ref(name, record.revision)
 
+    def check_adapter(self, name, tensors):
+        """Like Engine.check_adapter: PEFT keys with 2-d tensors fit this fake model."""
+        for key, tensor in tensors.items():
+            if not key.endswith((".lora_A.weight", ".lora_B.weight")) or tensor.dim() != 2:
+                raise InvalidAdapterError(f"{name}: tensor {key!r} does not fit the model", adapter=name)
+
     def resident(self):
         with self._lock:
             return list(self._resident)

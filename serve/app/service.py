@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 
-from adapters_store.errors import AdapterNotFoundError, OnlineLLMError
+from adapters_store.errors import AdapterNotFoundError, CommitConflictError, OnlineLLMError
 from adapters_store.names import parse_ref, validate_name
 
 from serve.app.config import AppConfig
@@ -129,11 +129,32 @@ class AppService:
 
     async def _learn_under_lease(self, data, name: str, options: dict) -> dict:
         parent = await self.directory.resolve.remote(name)
-        # Route to a worker that holds the parent (it starts training without a load).
-        handle = self.workers.options(multiplexed_model_id=f"{name}@{parent}" if parent else "")
-        report = await handle.learn.remote(data, name, parent, options)
+        try:
+            report = await self._learn_from(data, name, parent, options)
+        except Exception as exc:  # why broad: Ray wraps the worker's CommitConflictError
+            latest = await self._store_moved_on(exc, name, parent)
+            if latest is None:
+                raise
+            # The store has a revision the Directory never heard of (a commit whose answer was lost when
+            # a worker died, or a CLI import): catch up, then learn once more on top of it.
+            await self.directory.set_latest.remote(name, latest)
+            report = await self._learn_from(data, name, latest, options)
         await self.directory.set_latest.remote(name, report["revision"])
         return report
+
+    async def _learn_from(self, data, name: str, parent: str | None, options: dict) -> dict:
+        # Route to a worker that holds the parent (it starts training without a load).
+        handle = self.workers.options(multiplexed_model_id=f"{name}@{parent}" if parent else "")
+        return await handle.learn.remote(data, name, parent, options)
+
+    async def _store_moved_on(self, exc: BaseException, name: str, parent: str | None) -> str | None:
+        """The store's latest revision of `name` if `exc` is a commit conflict and it differs from `parent`."""
+        while getattr(exc, "cause", None) is not None and exc.cause is not exc:
+            exc = exc.cause
+        if not isinstance(exc, CommitConflictError) or self.store is None:
+            return None
+        latest = await asyncio.to_thread(self.store.latest, name)
+        return latest if latest is not None and latest != parent else None
 
     async def _renew(self, name: str, token: str) -> None:
         interval = self.config.routing.lease_ttl_s / 3

@@ -38,6 +38,7 @@ class HostAdapter:
     stored: bool                  # a store holds this revision, so host eviction may drop it
     optimizer_state: dict[str, torch.Tensor] | None = None
     meta: dict = field(default_factory=dict)
+    use_rslora: bool = False      # scale = alpha / sqrt(r) (else alpha / r); kept so commits say so
 
     @property
     def key(self) -> str:
@@ -172,7 +173,8 @@ class AdapterManager:
                            self.model_path)
         adapter = HostAdapter(name=name, revision=record.revision, weights=weights, rank=rank,
                               alpha=alpha, scale=scale, stored=True,
-                              optimizer_state=record.optimizer_state, meta=dict(record.meta))
+                              optimizer_state=record.optimizer_state, meta=dict(record.meta),
+                              use_rslora=bool((record.config or {}).get("use_rslora")))
         self._put(adapter)
         return adapter
 
@@ -190,12 +192,13 @@ class AdapterManager:
         cfg.setdefault("lora_alpha", alpha if alpha is not None else self.default_alpha)
         alpha_value, scale = scale_from_config(cfg, rank, self.default_alpha, name)
         return self.install_weights(name, weights, rank=rank, alpha=alpha_value, scale=scale,
-                                    revision=revision, stored=stored,
+                                    use_rslora=bool(cfg.get("use_rslora")), revision=revision, stored=stored,
                                     optimizer_state=optimizer_state, meta=meta, repack=False)
 
     def install_weights(self, name: str, weights: Weights, *, rank: int, alpha: float, scale: float,
                         revision: str | None, stored: bool | None, optimizer_state: dict | None = None,
-                        meta: dict | None = None, repack: bool = True) -> HostAdapter:
+                        meta: dict | None = None, repack: bool = True,
+                        use_rslora: bool = False) -> HostAdapter:
         """Install already-validated weights; a memory-only revision id is made when none is given."""
         with self._lock:
             if revision is None:
@@ -205,7 +208,7 @@ class AdapterManager:
             weights = pack(weights) if repack else weights
             adapter = HostAdapter(name=name, revision=revision, weights=weights, rank=rank, alpha=alpha,
                                   scale=scale, stored=is_stored, optimizer_state=optimizer_state,
-                                  meta=dict(meta or {}))
+                                  meta=dict(meta or {}), use_rslora=use_rslora)
             self._put(adapter)
             current = self._latest.get(name)
             if current is None or revision_seq(revision) >= revision_seq(current):
@@ -237,6 +240,19 @@ class AdapterManager:
                 self._evict(key)
             self._latest.pop(name, None)
             return existed
+
+    def note_latest(self, name: str, revision: str) -> None:
+        """The store says `revision` is the latest: remember it when newer than the cached one."""
+        with self._lock:
+            current = self._latest.get(name)
+            if current is None or revision_seq(revision) > revision_seq(current):
+                self._latest[name] = revision
+
+    def forget_latest(self, name: str) -> None:
+        """Drop the cached latest revision of `name` (stale: a commit conflicted); the next bare-name
+        resolve asks the store again."""
+        with self._lock:
+            self._latest.pop(name, None)
 
     def latest_revision(self, name: str) -> str | None:
         with self._lock:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import AsyncIterator
 
 import torch
@@ -27,6 +27,7 @@ from serve.engine.scheduler import Request, Scheduler
 from serve.engine.slots import SlotTable
 from serve.engine.trainer import Trainer
 from serve.engine.types import GenerationResult, LearnReport
+from serve.engine.validate import to_weights
 from serve.tiny_model import TINY_MODEL_ID
 
 logger = logging.getLogger(__name__)
@@ -127,22 +128,28 @@ class Engine:
 
     def submit_generate(self, prompt, adapter: str | None = None, *, on_delta=None,
                         **sampling) -> Future:
-        """Thread-safe, non-blocking: a future of the GenerationResult."""
+        """Thread-safe, non-blocking: a future of the GenerationResult (cancel it to stop early)."""
+        return self._submit(prompt, adapter, on_delta, sampling)[1]
+
+    def _submit(self, prompt, adapter: str | None, on_delta, sampling: dict) -> tuple[Request, Future]:
+        """The scheduler's Request (callers abort through it) and the future its caller waits on."""
         self._check_open()
         request = self._make_request(prompt, sampling, on_delta)
         if adapter is not None:
             parse_ref(adapter)  # bad names fail here, synchronously
         fast = self._resident_latest(adapter)
+        outer: Future = Future()  # not the scheduler's own: cancelling it works while the row runs
         if adapter is None or fast is not None:
             request.adapter = fast
-            return self.scheduler.submit(request)
-        outer: Future = Future()
-
-        def prepare() -> None:
-            request.adapter = self._adapter_for(adapter)
             _chain(self.scheduler.submit(request), outer)
-        _chain_errors(self._prep_pool.submit(prepare), outer)
-        return outer
+        else:
+            def prepare() -> None:
+                request.adapter = self._adapter_for(adapter)
+                _chain(self.scheduler.submit(request), outer)
+            _chain_errors(self._prep_pool.submit(prepare), outer)
+        # A cancelled future (asyncio wait_for, a gone client) stops its row at the next step.
+        outer.add_done_callback(lambda f: f.cancelled() and _abort(request))
+        return request, outer
 
     def _resident_latest(self, adapter: str | None) -> HostAdapter | None:
         """Host copy for a bare name whose latest revision is resident, without any store I/O."""
@@ -152,27 +159,42 @@ class Engine:
         return self.adapters.get(f"{adapter}@{revision}") if revision else None
 
     async def generate(self, prompt, adapter: str | None = None, **sampling) -> GenerationResult:
-        return await asyncio.wrap_future(self.submit_generate(prompt, adapter, **sampling))
+        request, future = self._submit(prompt, adapter, None, sampling)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            if not future.done():  # the awaiting task was cancelled: nobody wants the rest
+                _abort(request)
 
     async def generate_batch(self, prompts: list, adapters=None, **sampling) -> list[GenerationResult]:
         if adapters is None or isinstance(adapters, str):
             adapters = [adapters] * len(prompts)
         if len(adapters) != len(prompts):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(adapters)} adapters")
-        futures = [self.submit_generate(p, a, **sampling) for p, a in zip(prompts, adapters)]
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        submitted = [self._submit(p, a, None, sampling) for p, a in zip(prompts, adapters)]
+        try:
+            return list(await asyncio.gather(*(asyncio.wrap_future(f) for _, f in submitted)))
+        finally:
+            for request, future in submitted:
+                if not future.done():
+                    _abort(request)
 
     async def stream(self, prompt, adapter: str | None = None, *, include_result: bool = False,
                      **sampling) -> AsyncIterator:
         """Text deltas as tokens are produced; they join to the final text. With `include_result`,
-        the GenerationResult (finish_reason, token counts) follows the last delta."""
+        the GenerationResult (finish_reason, token counts) follows the last delta. A consumer that
+        stops early (break, aclose, cancel) aborts the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        future = self.submit_generate(
-            prompt, adapter, on_delta=lambda d: loop.call_soon_threadsafe(queue.put_nowait, d), **sampling)
+        request, future = self._submit(
+            prompt, adapter, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d), sampling)
         future.add_done_callback(lambda _f: loop.call_soon_threadsafe(queue.put_nowait, _END))
-        while (item := await queue.get()) is not _END:
-            yield item
+        try:
+            while (item := await queue.get()) is not _END:
+                yield item
+        finally:
+            if not future.done():
+                _abort(request)
         result = future.result()  # raise the request's error, if any
         if include_result:
             yield result
@@ -215,6 +237,10 @@ class Engine:
                                       scale=fresh.scale, revision=None, stored=False)
         return False
 
+    def check_adapter(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise InvalidAdapterError unless these PEFT tensors fit this model (nothing is installed)."""
+        to_weights(tensors, self.adapters.shapes, self.config.max_lora_rank, name)
+
     def resident(self) -> list[str]:
         return sorted(set(self.adapters.resident()) | set(self.slots.resident()))
 
@@ -232,6 +258,7 @@ class Engine:
 
     def delete(self, name: str) -> bool:
         existed = self.adapters.delete(name)
+        self.trainer.forget(name)
         if self.scheduler.alive:
             self.scheduler.call(lambda: self.slots.evict_name(name)).result(timeout=60)
         return existed
@@ -244,10 +271,13 @@ class Engine:
         return self.scheduler.call(lambda: self._forward_rows(ids, hosts)).result()
 
     def _forward_rows(self, ids: list[list[int]], hosts: list) -> list[torch.Tensor]:
-        slots = [self.slots.acquire(h) if h is not None else 0 for h in hosts]
-        if any(s is None for s in slots):
-            raise InvalidRequestError("more distinct adapters than free device slots")
-        try:
+        slots: list[int] = []
+        try:  # every slot taken is given back, also when a later acquire finds none free
+            for host in hosts:
+                slot = self.slots.acquire(host) if host is not None else 0
+                if slot is None:
+                    raise InvalidRequestError("more distinct adapters than free device slots")
+                slots.append(slot)
             batch = DecodeBatch(self.loaded.model, self.lora_state, self.loaded.device, self.loaded.pad_id)
             logits = batch.full_logits(ids, slots, [self.slots.rank_of(s) for s in slots])
         finally:
@@ -283,8 +313,19 @@ class Engine:
 
 
 def _chain_errors(source: Future, target: Future) -> None:
-    """Forward only a failure of `source` (its success already chained the real result)."""
+    """Forward only a failure of `source` (its success already chained the real result); a source
+    cancelled by shutdown fails the target, so no caller waits forever."""
     def copy(done: Future) -> None:
-        if not target.done() and not done.cancelled() and done.exception() is not None:
-            target.set_exception(done.exception())
+        if target.done():
+            return
+        error = None if done.cancelled() else done.exception()
+        if done.cancelled() or isinstance(error, CancelledError):  # shutdown cancelled it or its load
+            target.set_exception(EngineStoppedError("the engine shut down before the request started"))
+        elif error is not None:
+            target.set_exception(error)
     source.add_done_callback(copy)
+
+
+def _abort(request: Request) -> None:
+    """Mark a request whose caller left; the scheduler retires it (finish_reason "abort")."""
+    request.aborted = True

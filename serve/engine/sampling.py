@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve.engine.errors import InvalidRequestError
 
+# Below this temperature a row is decoded greedily (the limit of sampling as T -> 0): dividing logits by
+# a subnormal temperature gives inf/NaN probabilities, and torch.multinomial then kills the decode loop.
+MIN_TEMPERATURE = 1e-5
+
 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -54,6 +58,7 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= params.top_p
+        drop[0] = False  # a top_p below float32's smallest value would otherwise drop every token
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return probs
@@ -65,7 +70,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     greedy = logits.argmax(dim=-1).tolist()
     out = []
     for row, (p, generator) in enumerate(zip(params, generators)):
-        if p.temperature == 0.0:
+        if p.temperature < MIN_TEMPERATURE:
             out.append(greedy[row])
             continue
         probs = _filtered_probs(logits[row], p).cpu()

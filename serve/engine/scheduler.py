@@ -20,7 +20,7 @@ import torch
 
 from serve.engine.adapters import HostAdapter
 from serve.engine.batch import DecodeBatch
-from serve.engine.errors import EngineStoppedError
+from serve.engine.errors import EngineStoppedError, InvalidRequestError
 from serve.engine.sampling import SamplingParams, TextTracker, sample_rows
 from serve.engine.slots import SlotTable
 from serve.engine.types import GenerationResult
@@ -43,6 +43,7 @@ class Request:
     finish_reason: str | None = None
     error: Exception | None = None
     eos_hit: bool = False
+    aborted: bool = False                  # the caller left (stream closed, future cancelled): stop early
 
 
 class Scheduler:
@@ -141,6 +142,10 @@ class Scheduler:
                 if not self._waiting:
                     break
                 request = self._waiting[0]
+                if request.aborted:  # its caller left before it started
+                    self._waiting.popleft()
+                    request.future.cancel()
+                    continue
                 slot = self.slots.acquire(request.adapter) if request.adapter is not None else 0
                 if slot is None:
                     break  # every slot is busy with running rows; it waits for one to finish
@@ -181,20 +186,36 @@ class Scheduler:
         self._take_tokens(logits, range(len(self.rows)))
 
     def _take_tokens(self, logits: torch.Tensor, row_ids: range) -> None:
-        """Sample one token for each of these rows, stream it, and retire finished rows."""
-        requests = [self.rows[i] for i in row_ids]
-        tokens = sample_rows(logits, [r.params for r in requests], [r.generator for r in requests])
-        for row, request, token in zip(row_ids, requests, tokens):
-            self.pending[row] = token
-            self.tokens_out += 1
+        """Sample one token for each of these rows (logits [len(row_ids), V]), stream it, and retire
+        finished rows. Each row is sampled on its own: one bad row fails only its request."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # one device sync for the whole batch
+        for offset, row in enumerate(row_ids):
+            request = self.rows[row]
+            if request.aborted:
+                request.finish_reason = "abort"  # nobody reads the rest: free the row and its slot
+                continue
             try:
+                token = self._sample(logits[offset:offset + 1], request, finite[offset])
+                self.pending[row] = token
+                self.tokens_out += 1
                 self._advance(request, token)
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the batch
-                logger.exception("request failed while decoding")
+                logger.warning("request failed while decoding: %s", exc)
                 request.error, request.finish_reason = exc, "error"
         finished = [i for i, r in enumerate(self.rows) if r.finish_reason is not None]
         if finished:
             self._retire(finished)
+
+    @staticmethod
+    def _sample(row_logits: torch.Tensor, request: Request, finite: bool) -> int:
+        """One token from this row's logits [1, V]; InvalidRequestError when they are not usable."""
+        if not finite:
+            raise InvalidRequestError("the model produced NaN/Inf logits for this request (its adapter "
+                                      f"{request.adapter.key if request.adapter else 'base'} overflows)")
+        try:
+            return sample_rows(row_logits, [request.params], [request.generator])[0]
+        except RuntimeError as exc:  # e.g. probabilities overflowing to inf after temperature scaling
+            raise InvalidRequestError(f"sampling failed for this request: {exc}") from exc
 
     def _advance(self, request: Request, token: int) -> None:
         if token in self.eos_ids and not request.params.ignore_eos:

@@ -11,6 +11,8 @@ import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
+
 from adapters_store.errors import CommitConflictError, StoreUnavailableError
 from adapters_store.names import format_ref, parse_ref
 from serve.engine.adapters import HostAdapter
@@ -43,9 +45,7 @@ class Trainer:
             raise InvalidRequestError(f"steps must be an integer in 1..100000, got {steps!r}")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr <= 1.0) or math.isnan(lr):
             raise InvalidRequestError(f"lr must be in (0, 1], got {lr!r}")
-        unknown = set(opts) - LEARN_OPTIONS
-        if unknown:
-            raise InvalidRequestError(f"unknown learn options {sorted(unknown)}; known: {sorted(LEARN_OPTIONS)}")
+        _check_options(opts)
         examples = build_examples(self.engine.tokenizer, data, eos_id=self._eos_id(),
                                   max_len=self.engine.loaded.max_len)
         return self._pool.submit(self._run, name, examples, steps, float(lr), parent, opts)
@@ -72,11 +72,21 @@ class Trainer:
                            loss_after=result.loss_after, duration_s=result.duration_s, committed=committed)
 
     def _starting_point(self, name: str, parent: str | None) -> HostAdapter:
-        adapters = self.engine.adapters
+        """The revision to train from: `parent`, else the store's latest (read now: another process
+        may have committed since this engine cached it), else the resident one, else a fresh one."""
+        adapters, store = self.engine.adapters, self.engine.store
         if parent is not None:
             key = adapters.resolve(format_ref(name, parent))
             return adapters.load_sync(key)
-        key = adapters.resolve(name)
+        if store is not None:
+            latest = store.latest(name)
+            if latest is not None:
+                adapters.note_latest(name, latest)
+                return adapters.load_sync(format_ref(name, latest))
+            resident = adapters.latest_revision(name)  # memory-only (ensure()) or nothing
+            key = format_ref(name, resident) if resident is not None else None
+        else:
+            key = adapters.resolve(name)
         return adapters.load_sync(key) if key is not None else adapters.fresh(name)
 
     def _train(self, start: HostAdapter, examples, steps: int, lr: float, opts: dict) -> LearnResult:
@@ -93,6 +103,7 @@ class Trainer:
         """Store commit (if any) with the starting revision as parent, then install; returns (key, stored)."""
         adapters, store = self.engine.adapters, self.engine.store
         revision = None
+        _check_finite(name, result)  # nothing non-finite is ever committed or served
         if store is not None:
             revision = self._store_commit(name, start, result, lr)
         elif adapters.latest_revision(name) != start.revision:
@@ -100,7 +111,7 @@ class Trainer:
                                       f"{adapters.latest_revision(name)}")
         installed = adapters.install_weights(
             name, result.weights, rank=start.rank, alpha=start.alpha, scale=start.scale,
-            revision=revision, stored=store is not None, optimizer_state=result.optimizer_state,
+            use_rslora=start.use_rslora, revision=revision, stored=store is not None, optimizer_state=result.optimizer_state,
             meta=self._meta(result, lr))
         return installed.key, store is not None
 
@@ -108,11 +119,16 @@ class Trainer:
         """Commit to the store; an unreachable store fails the learn saying exactly what was not saved."""
         store = self.engine.store
         try:
-            # A memory-only starting point (ensure()'s fresh adapter) has no place in the store's chain.
-            parent = start.revision if start.stored else store.latest(name)
+            # A memory-only starting point (ensure()'s fresh adapter) has no place in the store's chain:
+            # it commits as the first revision, and conflicts if the store got one meanwhile (the
+            # weights never saw it, so taking it as parent would silently drop that update).
+            parent = start.revision if start.stored else None
             return store.commit(name, to_peft(result.weights), config=self._peft_config(start),
                                 parent=parent, meta=self._meta(result, lr),
                                 optimizer_state=result.optimizer_state)
+        except CommitConflictError:
+            self.engine.adapters.forget_latest(name)  # the next bare-name lookup re-reads the store
+            raise
         except StoreUnavailableError as exc:
             raise StoreUnavailableError(
                 f"learn on adapter {name!r} from revision {start.revision or 'none'} ({result.steps} steps, "
@@ -122,7 +138,8 @@ class Trainer:
 
     def _peft_config(self, start: HostAdapter) -> dict:
         targets = sorted({path.rsplit(".", 1)[-1] for path in self.engine.modules})
-        return {"r": start.rank, "lora_alpha": start.alpha, "target_modules": targets,
+        return {"r": start.rank, "lora_alpha": start.alpha, "use_rslora": start.use_rslora,
+                "target_modules": targets,
                 "base_model_name_or_path": self.engine.model_id, "lora_dropout": 0.0, "bias": "none"}
 
     def _meta(self, result: LearnResult, lr: float) -> dict:
@@ -131,6 +148,39 @@ class Trainer:
                              "loss_before": result.loss_before, "loss_after": result.loss_after,
                              "duration_s": round(result.duration_s, 3)}}
 
+    def forget(self, name: str) -> None:
+        """Drop the per-adapter lock of a deleted adapter (unless a learn on it still runs)."""
+        with self._locks_guard:
+            lock = self._locks.get(name)
+            if lock is not None and not lock.locked():
+                del self._locks[name]
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+
+
+def _check_options(opts: dict) -> None:
+    """Learn options are checked before any training: bad values would fail later on a worker thread
+    or, worse, train NaN weights."""
+    unknown = set(opts) - LEARN_OPTIONS
+    if unknown:
+        raise InvalidRequestError(f"unknown learn options {sorted(unknown)}; known: {sorted(LEARN_OPTIONS)}")
+    batch_size = opts.get("batch_size", 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
+        raise InvalidRequestError(f"batch_size must be an integer in 1..4096, got {batch_size!r}")
+    norm = opts.get("max_grad_norm", 1.0)
+    if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not math.isfinite(norm) or norm <= 0:
+        raise InvalidRequestError(f"max_grad_norm must be a finite number > 0, got {norm!r}")
+    decay = opts.get("weight_decay", 0.0)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        raise InvalidRequestError(f"weight_decay must be in [0, 1], got {decay!r}")
+
+
+def _check_finite(name: str, result: LearnResult) -> None:
+    """Refuse trained weights with NaN/Inf (a diverged run): neither committed nor installed."""
+    for module, (a, b) in result.weights.items():
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise InvalidRequestError(
+                f"learn on adapter {name!r} diverged (loss {result.loss_before:.4f} -> {result.loss_after}): "
+                f"{module} has NaN/Inf weights; nothing was committed or installed (lower lr?)")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 class GenerationResult:
     text: str
     finish_reason: str            # "stop" (eos or a stop string) | "length" (max_tokens or context)
+                                  # | "abort" (the caller left early)
     prompt_tokens: int
     completion_tokens: int
     adapter: str | None           # "name@rev" used; None for the base model

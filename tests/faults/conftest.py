@@ -18,7 +18,9 @@ from .faults_support import TcpProxy, free_port, worker_env
 APP = "faults"
 APP_ARGS = {
     "num_workers": 2, "ingress_replicas": 2, "worker_num_cpus": 0.5, "max_slots": 4, "host_cache_size": 8,
-    "engine_factory": "fault_hooks:HookedEngine", "health_check_period_s": 1.0, "graceful_shutdown_timeout_s": 20.0,
+    # The real Engine plus a hold-in-flight hook that only marked inputs trigger (fault_hooks.py).
+    "engine_factory": "fault_hooks:HookedEngine",
+    "health_check_period_s": 1.0, "graceful_shutdown_timeout_s": 20.0,
     "limits": {"max_tokens": 64, "max_prompt_chars": 4000, "max_learn_examples": 64, "max_learn_steps": 20,
                "max_body_bytes": 256 * 1024},
     "queues": {"max_inflight": 24, "retry_after_s": 1},

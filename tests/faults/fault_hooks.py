@@ -29,5 +29,9 @@ class HookedEngine(Engine):
         return await super().generate(prompt, adapter, **sampling)
 
     async def learn(self, data, adapter, **options):
+        if SLOW_MARK in str(data) and options.get("parent"):
+            # Make the starting revision resident first, so a fault injected during the hold hits the
+            # train -> commit part of the learn, not the load of its starting point.
+            await self.load(f"{adapter}@{options['parent']}")
         await _hold_if_marked(data)
         return await super().learn(data, adapter, **options)

@@ -151,12 +151,13 @@ def running_replicas(app: str, deployment: str) -> int:
 
 
 def replica_pids(app: str) -> dict[str, int]:
-    """{actor name: pid} of every live replica of `app`."""
-    from ray.util.state import list_actors
+    """{actor name: pid} of every live replica of `app` (from the GCS: no dashboard needed)."""
+    from ray._private import state
 
     prefix = f"SERVE_REPLICA::{app}#"
-    return {actor.name: actor.pid for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if actor.name and actor.name.startswith(prefix) and actor.pid}
+    return {actor["Name"]: actor["Pid"] for actor in state.actors().values()
+            if actor.get("State") == "ALIVE" and actor.get("Pid")
+            and (actor.get("Name") or "").startswith(prefix)}
 
 
 def rss_bytes(pids: dict[str, int]) -> dict[str, int]:

@@ -91,7 +91,8 @@ def test_directory_death_rebuilds_and_frees_leases(app_url, store):
     during = asyncio.run(learn_while_directory_dies())
     assert during.status_code in (200, 503), during.text
     # Routing continues (a retry covers the moment the Directory is being replaced).
-    served, _ = post_with_retry(f"{app_url}/v1/completions", {"model": "beacon", "prompt": "x", "max_tokens": 2})
+    served, _ = post_with_retry(f"{app_url}/v1/completions",
+                                {"model": "beacon", "prompt": "x", "max_tokens": 2})
     assert served.status_code == 200, served.text
     stats = httpx.get(f"{app_url}/v1/stats", timeout=30).json()
     assert stats["latest"]["beacon"] == store.latest("beacon")  # rebuilt from the store
@@ -105,3 +106,33 @@ def test_directory_death_rebuilds_and_frees_leases(app_url, store):
         acknowledged.insert(1, during.json()["revision"])
     assert set(acknowledged) <= set(revisions) and revisions[-1] == after["revision"]
     assert wait_for(lambda: httpx.get(f"{app_url}/v1/stats", timeout=30).json()["leases"] == {}, 20)
+
+
+def test_lease_of_a_dead_ingress_expires(app_url, store):
+    """The ingress holding an adapter's learn lease dies mid-learn: the lease expires (lease_ttl_s), the
+    next learn on that adapter gets it and lands on top of whatever the dead one committed."""
+    from .conftest import APP_ARGS
+    from .faults_support import replica_pids
+
+    first = _learn(app_url, "keeper", "The keeper sleeps at noon.")
+
+    async def kill_the_holder():
+        async with httpx.AsyncClient(timeout=90) as client:
+            slow = asyncio.create_task(client.post(f"{app_url}/v1/adapters/keeper/learn", json={
+                "examples": [f"{SLOW_MARK} the keeper wakes"], "steps": 2}))
+            holder = await asyncio.to_thread(wait_for, lambda: httpx.get(
+                f"{app_url}/v1/stats", timeout=30).json()["leases"].get("keeper"), 10, 0.1)
+            pid = int(holder["holder"].rsplit(":", 1)[1])
+            victim = next(name for name, p in replica_pids(APP).items() if p == pid)
+            index = replica_actor_names(APP, "Ingress").index(victim)
+            await asyncio.to_thread(kill_replica, APP, "Ingress", index)
+            return await slow
+    dead = asyncio.run(kill_the_holder())
+    assert dead.status_code >= 500, dead.text  # its client never got an acknowledgement
+    started = time.monotonic()
+    after = _learn(app_url, "keeper", "The keeper sleeps at one.", steps=2)
+    assert time.monotonic() - started < APP_ARGS["routing"]["lease_ttl_s"] + 20
+    revisions = store.list_revisions("keeper")
+    assert revisions[0] == first["revision"] and revisions[-1] == after["revision"]
+    assert after["report"]["parent"] == revisions[-2]  # on top of the latest, whoever committed it
+    wait_for(lambda: running_replicas(APP, "Ingress") == 2, 60, 0.5)

@@ -26,7 +26,7 @@ def test_twenty_concurrent_learns_form_one_chain(app_url, store):
             return await asyncio.gather(*(_learn(client, app_url, "chain20", f"chain example number {i}")
                                           for i in range(20)))
     responses = asyncio.run(twenty())
-    assert [r.status_code for r in responses] == [200] * 20, [r.text for r in responses if r.status_code != 200]
+    assert [r.status_code for r in responses] == [200] * 20, [r.text for r in responses if r.status_code >= 300]
     bodies = [r.json() for r in responses]
     assert all(b["revision"] == b["report"]["revision"] and b["report"]["committed"] for b in bodies)
     by_parent = {b["report"]["parent"]: b["revision"] for b in bodies}
@@ -79,3 +79,23 @@ def test_read_your_writes_under_load(app_url):
     for rounds in results:
         for acknowledged, served in rounds:
             assert _seq(served) >= _seq(acknowledged), (acknowledged, served)
+
+
+def test_commit_the_directory_never_heard_of_does_not_wedge_learns(app_url, store):
+    """A revision committed behind the app's back (a learn whose answer was lost when its worker died
+    after the commit, or an `adapters import`) must not make every later learn a 409 conflict."""
+    with httpx.Client(timeout=150) as client:
+        learn_url = f"{app_url}/v1/adapters/out-of-band/learn"
+        first = client.post(learn_url, json={"examples": ["first example text"], "steps": 2})
+        assert first.status_code == 200, first.text
+        current = store.read("out-of-band")
+        behind_its_back = store.commit("out-of-band", current.tensors, config=current.config,
+                                       parent=current.revision, meta={"note": "committed out of band"})
+        learned = client.post(learn_url, json={"examples": ["next example text"], "steps": 2})
+        assert learned.status_code == 200, learned.text
+        assert learned.json()["report"]["parent"] == behind_its_back
+        served = client.post(f"{app_url}/v1/completions", json={"model": "out-of-band", "prompt": "x",
+                                                                "max_tokens": 2})
+    assert served.json()["system_fingerprint"] == f"out-of-band@{learned.json()['revision']}"
+    assert store.list_revisions("out-of-band") == [first.json()["revision"], behind_its_back,
+                                                   learned.json()["revision"]]

@@ -15,7 +15,7 @@ def ray_local(s3_server, tiny_model_path):
     import ray
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
              logging_level="WARNING")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
