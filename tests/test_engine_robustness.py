@@ -147,3 +147,10 @@ def test_cancelled_submit_generate_future_stops_decoding(engine):
     _wait_idle(engine)
     assert not engine.scheduler.rows
     assert engine.scheduler.tokens_out - before < 200
+
+
+def test_delete_forgets_the_adapters_learn_lock(engine):
+    engine.submit_learn([{"prompt": "a", "response": "b"}], "gone", steps=1).result(timeout=60)
+    assert "gone" in engine.trainer._locks
+    assert engine.delete("gone")
+    assert "gone" not in engine.trainer._locks and engine.resolve("gone") is None

@@ -21,7 +21,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 class HookedStore:
     """A real store; `before_commit` (set by a test) runs once just before the engine's next commit,
-    as another process committing while this engine trains."""
+    as another process committing while this engine finishes a learn."""
 
     def __init__(self, store):
         self.inner, self.before_commit = store, None
@@ -46,6 +46,18 @@ def shared(tiny_model_path):
     eng.shutdown()
 
 
+def _while_training(engine: Engine, monkeypatch, hook) -> None:
+    """Run `hook` once when the engine's next learn job starts training (after it chose where to
+    start from, before it commits)."""
+    add_job = engine.scheduler.add_learn_job
+
+    def add_learn_job(job):
+        monkeypatch.setattr(engine.scheduler, "add_learn_job", add_job)
+        hook()
+        return add_job(job)
+    monkeypatch.setattr(engine.scheduler, "add_learn_job", add_learn_job)
+
+
 def _other_writer_commits(engine: Engine, raw, name: str, fill: float = 0.01) -> str:
     """Commit a revision of `name` on the store's latest, as another process would."""
     shapes = {p: (m.in_features, m.out_features) for p, m in engine.modules.items()}
@@ -54,10 +66,10 @@ def _other_writer_commits(engine: Engine, raw, name: str, fill: float = 0.01) ->
     return raw.commit(name, to_peft(weights), config=config, parent=raw.latest(name))
 
 
-def test_fresh_learn_conflicts_instead_of_dropping_a_concurrent_commit(shared):
-    engine, hooked, raw = shared
+def test_fresh_learn_conflicts_instead_of_dropping_a_concurrent_commit(shared, monkeypatch):
+    engine, _hooked, raw = shared
     other = []
-    hooked.before_commit = lambda: other.append(_other_writer_commits(engine, raw, "fresh"))
+    _while_training(engine, monkeypatch, lambda: other.append(_other_writer_commits(engine, raw, "fresh")))
     with pytest.raises(CommitConflictError):
         engine.submit_learn(DATA, "fresh", steps=1).result(timeout=60)
     assert raw.list_revisions("fresh") == other              # the other writer's update is kept
@@ -106,5 +118,26 @@ def test_rslora_scale_survives_a_learn(shared, tiny_model_path):
         ours, theirs = engine.prompt_logits(["hello world"], [key])[0], reader.prompt_logits(
             ["hello world"], [key])[0]
         assert torch.allclose(ours, theirs, atol=1e-5)
+    finally:
+        reader.shutdown()
+
+
+def test_optimizer_state_is_read_for_learning_not_kept_for_serving(shared, tiny_model_path):
+    engine, _hooked, raw = shared
+    first = engine.submit_learn(DATA, "opt", steps=1).result(timeout=60)
+    second = engine.submit_learn(DATA, "opt", steps=1).result(timeout=60)
+    assert engine.adapters.get(f"opt@{second.revision}").optimizer_state is not None
+    old = engine.adapters.get(f"opt@{first.revision}")
+    assert old is None or old.optimizer_state is None      # superseded: no optimizer state held
+    reader = Engine(model=tiny_model_path, cpu_threads=1, store=open_store(raw.url), batch_window_ms=0)
+    try:
+        served = reader.submit_generate("hi", "opt", max_tokens=1).result(timeout=60).adapter
+        host = reader.adapters.get(served)
+        assert host.optimizer_state is None                 # loaded to serve only
+        stored = raw.read("opt", second.revision, with_optimizer=True).optimizer_state
+        resumed = reader.adapters.optimizer_state_of(host)  # what a learn from it starts with
+        assert resumed.keys() == stored.keys()
+        assert all(torch.equal(resumed[k], stored[k]) for k in stored)
+        assert reader.submit_learn(DATA, "opt", steps=1).result(timeout=60).parent == second.revision
     finally:
         reader.shutdown()

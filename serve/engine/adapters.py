@@ -165,7 +165,8 @@ class AdapterManager:
         if self.store is None:
             raise AdapterNotFoundError(f"adapter {key} is not resident and there is no store")
         self.counters.store_reads += 1
-        record = self.store.read(name, rev, with_optimizer=True)
+        # Serving needs no optimizer state; a learn reads it when it starts (optimizer_state_of).
+        record = self.store.read(name, rev, with_optimizer=False)
         weights, rank = to_weights(record.tensors, self.shapes, self.max_rank, key)
         alpha, scale = scale_from_config(record.config, rank, self.default_alpha, key)
         if record.meta.get("model_path") not in (None, self.model_path):
@@ -180,6 +181,14 @@ class AdapterManager:
 
     def load_sync(self, key: str) -> HostAdapter:
         return self.load(key).result()
+
+    def optimizer_state_of(self, adapter: HostAdapter) -> dict[str, torch.Tensor] | None:
+        """The optimizer state to resume a learn from `adapter`: its own, else the stored one (read
+        now; host copies loaded for serving do not hold it)."""
+        if adapter.optimizer_state is not None or not adapter.stored or self.store is None:
+            return adapter.optimizer_state
+        self.counters.store_reads += 1
+        return self.store.read(adapter.name, adapter.revision, with_optimizer=True).optimizer_state
 
     # ---------------------------------------------------------------- install / delete
     def install(self, name: str, tensors: dict[str, torch.Tensor], *, revision: str | None = None,
@@ -219,7 +228,11 @@ class AdapterManager:
     def _drop_superseded(self, name: str, latest: str) -> None:
         """Keep only the newest MEMORY_REVISIONS_KEPT memory-only revisions of `name`: older ones can
         never become latest again, and pinning them all would grow memory with every learn (the
-        adapter itself lives on as `latest`; recent revisions stay selectable as name@rev)."""
+        adapter itself lives on as `latest`; recent revisions stay selectable as name@rev). Older
+        stored revisions drop their optimizer state: a learn from one reads it back from the store."""
+        for adapter in self._host.values():
+            if adapter.name == name and adapter.stored and adapter.revision != latest:
+                adapter.optimizer_state = None
         unstored = sorted((revision_seq(a.revision), key) for key, a in self._host.items()
                           if a.name == name and not a.stored and a.revision != latest)
         for _, key in unstored[:max(0, len(unstored) - (MEMORY_REVISIONS_KEPT - 1))]:

@@ -1,6 +1,7 @@
-"""The engine's learn flow around a LearnJob: validate input, serialise learns per adapter, pick the
-starting revision (parent, else latest, else fresh), train on the scheduler thread, commit to the
-store with that parent, install the new revision, report.
+"""The engine's learn flow around a LearnJob: validate input and options, serialise learns per adapter,
+pick the starting revision (parent, else the store's latest, else the resident one, else fresh), train
+on the scheduler thread, refuse non-finite results, commit to the store with that parent (a commit
+that conflicts makes the bare name re-read the store), install the new revision, report.
 
 Knows the engine's parts (adapters, scheduler, store) but not how training steps are computed.
 """
@@ -79,7 +80,11 @@ class Trainer:
             key = adapters.resolve(format_ref(name, parent))
             return adapters.load_sync(key)
         if store is not None:
-            latest = store.latest(name)
+            try:
+                latest = store.latest(name)
+            except StoreUnavailableError as exc:
+                raise StoreUnavailableError(f"learn on adapter {name!r} not started: the adapter store is "
+                                            f"unavailable, nothing was trained or saved ({exc})") from exc
             if latest is not None:
                 adapters.note_latest(name, latest)
                 return adapters.load_sync(format_ref(name, latest))
@@ -92,7 +97,7 @@ class Trainer:
     def _train(self, start: HostAdapter, examples, steps: int, lr: float, opts: dict) -> LearnResult:
         config, loaded = self.engine.config, self.engine.loaded
         job = LearnJob(loaded.model, self.engine.lora_state, weights=start.weights, scale=start.scale,
-                       optimizer_state=start.optimizer_state, examples=examples, steps=steps, lr=lr,
+                       optimizer_state=self.engine.adapters.optimizer_state_of(start), examples=examples, steps=steps, lr=lr,
                        batch_size=opts.get("batch_size", config.learn_batch_size),
                        max_grad_norm=opts.get("max_grad_norm", config.max_grad_norm),
                        weight_decay=opts.get("weight_decay", config.weight_decay),
@@ -111,7 +116,8 @@ class Trainer:
                                       f"{adapters.latest_revision(name)}")
         installed = adapters.install_weights(
             name, result.weights, rank=start.rank, alpha=start.alpha, scale=start.scale,
-            use_rslora=start.use_rslora, revision=revision, stored=store is not None, optimizer_state=result.optimizer_state,
+            use_rslora=start.use_rslora, revision=revision, stored=store is not None,
+            optimizer_state=result.optimizer_state,
             meta=self._meta(result, lr))
         return installed.key, store is not None
 
