@@ -78,7 +78,7 @@ class LoraLinear(nn.Module):
         if mode == "single":
             return out + self._single(x)
         if mode == "mixed":
-            return out + self._mixed(x)
+            return self._mixed(x, out)
         if mode == "train":
             return out + self._train(x)
         raise ValueError(f"unknown LoRA mode {mode!r}")
@@ -89,23 +89,26 @@ class LoraLinear(nn.Module):
         a, b = self.lora_A[slot, :rank], self.lora_B[slot, :, :rank]   # [r, in], [out, r]
         return ((x @ a.t()) @ b.t()) * self.scale[slot]
 
-    def _mixed(self, x: torch.Tensor) -> torch.Tensor:
-        """Row i uses slot idx[i]: one gather and two bmm over rows. x: [batch, seq, in].
+    def _mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Row i uses slot idx[i]: one gather, then one bmm and one fused add-bmm over rows.
+        x: [batch, seq, in] (or [batch, in]); out: the base output, same leading shape.
 
         The gather is kept while the batch's rows and the slots' contents stay the same (every
-        decode step between joins/leaves), so a step costs only the bmm's reads of the weights."""
-        a, b, scale = self._gather()                 # [batch, r, in], [batch, out, r], [batch, 1, 1]
-        x3 = x if x.dim() == 3 else x.unsqueeze(1)
-        low = torch.bmm(x3, a.transpose(1, 2)) * scale   # [batch, seq, r]
-        delta = torch.bmm(low, b.transpose(1, 2))    # [batch, seq, out]
-        return delta if x.dim() == 3 else delta.squeeze(1)
+        decode step between joins/leaves), so a step costs only the bmm's reads of the weights; it
+        is stored transposed and contiguous, with the per-row scale folded into B."""
+        a_t, b_t = self._gather()                    # [batch, in, r], [batch, r, out] (scaled)
+        if x.dim() == 3:
+            return torch.baddbmm(out, torch.bmm(x, a_t), b_t)
+        low = torch.bmm(x.unsqueeze(1), a_t)         # [batch, 1, r]
+        return torch.baddbmm(out.unsqueeze(1), low, b_t).squeeze(1)
 
-    def _gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.state
         if self._gathered is None or self._gathered[0] != state.version:
             idx, rank = state.idx, state.rank
-            self._gathered = (state.version, self.lora_A[idx, :rank], self.lora_B[idx, :, :rank],
-                              self.scale[idx].view(-1, 1, 1))
+            a_t = self.lora_A[idx, :rank].transpose(1, 2).contiguous()
+            b_t = (self.lora_B[idx, :, :rank] * self.scale[idx].view(-1, 1, 1)).transpose(1, 2).contiguous()
+            self._gathered = (state.version, a_t, b_t)
         return self._gathered[1:]
 
     def drop_gathered(self) -> None:
