@@ -23,8 +23,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from adapters_store.errors import (
-    AdapterNotFoundError, CommitConflictError, InvalidAdapterNameError, StorePermissionError,
-    StoreUnavailableError,
+    AdapterNotFoundError, CommitConflictError, CorruptAdapterError, InvalidAdapterNameError,
+    StorePermissionError, StoreUnavailableError,
 )
 from serve.app.config import LimitsConfig
 from serve.app.metrics import app_metrics
@@ -57,6 +57,8 @@ ERROR_MAP = [
     (CommitConflictError, 409, "conflict_error", "commit_conflict"),
     (StoreUnavailableError, 503, "server_error", "store_unavailable"),
     (StorePermissionError, 500, "server_error", "store_permission"),
+    # Stored bytes that fail their checksum: the server's data is damaged, not the client's request.
+    (CorruptAdapterError, 500, "server_error", "adapter_corrupted"),
     (TimeoutError, 503, "server_error", "timeout"),
     (ValueError, 400, "invalid_request_error", "invalid_request"),
 ]

@@ -49,7 +49,8 @@ def test_corrupted_revision_is_not_served(app_url, s3_server, store_url, store):
 
     for model in ("reef", f"reef@{rev2}"):
         refused = _complete(app_url, model)
-        assert refused.status_code >= 400, refused.text
+        assert refused.status_code == 500, refused.text
+        assert refused.json()["error"]["code"] == "adapter_corrupted"
         message = refused.json()["error"]["message"]
         assert "reef" in message and rev2 in message and "adapter_model.safetensors" in message, message
     previous = _complete(app_url, f"reef@{rev1}")
