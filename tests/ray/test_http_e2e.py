@@ -12,7 +12,7 @@ import openai
 import pytest
 from ray import serve
 
-from ray_helpers import deploy
+from ray_helpers import deploy, wait_for
 from serve.app.builder import build_app
 from serve.tiny_model import TINY_MODEL_ID
 
@@ -218,3 +218,22 @@ def test_memory_only_app_learns_deletes_and_relearns(app_url):
     assert info["in_memory"] and not info["on_disk"] and info["revision"] == report["revision"]
     assert deleted and not after.startswith(ANSWER)  # gone: answers like the base model
     assert relearned["parent"] is None and names == ["volatile"]
+
+
+def test_metrics_reach_ray_prometheus_export(client, taught, metrics_port):
+    """Requests, tokens, adapter events and learn steps appear in Ray's Prometheus export."""
+    client.completions.create(model="teacher", prompt=PROMPT, max_tokens=4, temperature=0)
+    wanted = ("ray_online_llm_requests_total", "ray_online_llm_tokens_total",
+              "ray_online_llm_adapter_events_total", "ray_online_llm_learn_steps_total")
+
+    def scraped():
+        try:
+            body = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return None
+        return body if all(name in body for name in wanted) else None
+
+    body = wait_for(scraped, timeout_s=60, interval_s=1.0)
+    completions = [line for line in body.splitlines()
+                   if line.startswith("ray_online_llm_tokens_total") and 'kind="completion"' in line]
+    assert completions and float(completions[0].rsplit(" ", 1)[1]) > 0
