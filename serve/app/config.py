@@ -51,8 +51,9 @@ class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     spill_queue_threshold: int = Field(8, ge=1, le=10_000, description="Holder queue length at which a hot "
                                        "adapter spills to another worker.")
-    max_holders: int = Field(4, ge=1, le=1024, description="Workers an adapter spreads to before spilling "
-                             "needs twice the threshold.")
+    max_holders: int | None = Field(None, ge=1, le=1024, description="Workers an adapter spreads to before "
+                                    "spilling needs twice the threshold; None = no cap (the setting "
+                                    "benchmarks/bench_routing.py measures).")
     lease_ttl_s: float = Field(30.0, gt=0, le=3600, description="A learn lease not renewed for this long "
                                "expires (its holder died).")
     report_interval_s: float = Field(1.0, gt=0, le=60, description="How often a worker reports its resident "

@@ -34,7 +34,8 @@ def replica_view(replica: RunningReplica, queue_len: Optional[int]) -> ReplicaVi
 class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     """Affinity to holders of `name@rev`, spill of hot adapters, free slots for first loads."""
 
-    def initialize_state(self, spill_queue_threshold: int = 8, max_holders: int = 4, seed: int | None = None):
+    def initialize_state(self, spill_queue_threshold: int = 8, max_holders: int | None = None,
+                         seed: int | None = None):
         self.policy = AffinityPolicy(spill_queue_threshold=spill_queue_threshold, max_holders=max_holders,
                                      seed=seed)
 
