@@ -5,10 +5,10 @@ Ray fixtures live next to the Ray tests (they cost ~10 s and only those tests ne
 from __future__ import annotations
 
 import os
-import socket
-import uuid
 
 import pytest
+
+from testkit import free_port, new_s3_bucket
 
 # Every test process (and every Ray worker it starts, which inherits the environment) builds the tiny
 # model into one cache directory, never into the user's home.
@@ -28,12 +28,6 @@ def tiny_model_path() -> str:
     return str(build_tiny_model())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint (moto's ThreadedMotoServer) on 127.0.0.1; yields its URL.
@@ -43,7 +37,7 @@ def s3_server():
     """
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -63,11 +57,9 @@ def s3_server():
 @pytest.fixture
 def s3_bucket(s3_server) -> str:
     """A fresh, empty bucket on the moto server; s3fs's instance cache is cleared around the test."""
-    import boto3
     import s3fs
 
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    name = new_s3_bucket(s3_server)
     s3fs.S3FileSystem.clear_instance_cache()
     yield name
     s3fs.S3FileSystem.clear_instance_cache()

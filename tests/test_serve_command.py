@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
 
+from testkit import free_port
+
 pytestmark = pytest.mark.timeout(300)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> str:
@@ -43,7 +37,7 @@ def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> str:
 
 
 def test_online_llm_serve_starts_prints_usage_and_serves(tmp_path, tiny_model_path):
-    port = _free_port()
+    port = free_port()
     store = tmp_path / "adapters"
     env = dict(os.environ, LORA_SAVE_PATH=str(store), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "serve.cli", "serve", "--port", str(port), "--num-cpus", "2"]

@@ -7,11 +7,11 @@ Tests use their own adapter names, so their order does not matter; the redeploy 
 """
 from __future__ import annotations
 
-import uuid
 from urllib.parse import urlsplit
 
-import boto3
 import pytest
+
+from testkit import new_s3_bucket
 
 from .faults_support import TcpProxy, free_port, worker_env
 
@@ -38,9 +38,7 @@ def s3_proxy(s3_server):
 
 @pytest.fixture(scope="package")
 def store_url(s3_server):
-    bucket = f"faults-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/adapters"
+    return f"s3://{new_s3_bucket(s3_server, 'faults')}/adapters"
 
 
 @pytest.fixture(scope="package")

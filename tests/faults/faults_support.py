@@ -15,18 +15,14 @@ import time
 
 import httpx
 
+from testkit import free_port, wait_for  # noqa: F401  (re-exported for the fault tests)
+
 logger = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 RETRYABLE = (429, 503)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class TcpProxy:
@@ -190,14 +186,3 @@ def post_with_retry(url: str, body: dict, *, deadline_s: float = 60.0, timeout_s
             return response, tries
         retry_after = float(response.headers.get("Retry-After", 0.5)) if response is not None else 0.5
         time.sleep(min(retry_after, 1.0))
-
-
-def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.3):
-    """Poll until `predicate()` is truthy; returns it, or AssertionError on timeout."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"condition not met within {timeout_s} s")

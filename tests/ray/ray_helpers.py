@@ -5,18 +5,12 @@ an app, polling for a condition.
 from __future__ import annotations
 
 import os
-import socket
-import time
+
+from testkit import free_port, wait_for  # noqa: F401  (re-exported for the Ray tests)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def worker_env() -> dict:
@@ -32,14 +26,3 @@ def deploy(app, name: str):
     from ray import serve
 
     return serve.run(app, name=name, route_prefix="/")
-
-
-def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.2):
-    """Poll `predicate` until it returns a truthy value; that value, or AssertionError on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"condition not met within {timeout_s} s")

@@ -5,15 +5,14 @@ worker that holds it (hit/miss counters), concurrent learns on one adapter land 
 from __future__ import annotations
 
 import asyncio
-import uuid
 
-import boto3
 import httpx
 import pytest
 from ray import serve
 
 from adapters_store import open_store
 from ray_helpers import deploy, wait_for
+from testkit import new_s3_bucket
 from serve.app.builder import build_app
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(300)]
@@ -24,9 +23,7 @@ ANSWER = " It is the ringed planet."
 
 @pytest.fixture(scope="module")
 def store_url(s3_server):
-    bucket = f"two-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/adapters"
+    return f"s3://{new_s3_bucket(s3_server, 'two')}/adapters"
 
 
 @pytest.fixture(scope="module")
